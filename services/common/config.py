@@ -29,6 +29,9 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     data_dir: Path = Path(".distill")
+    # Where dataset shards live (shared by the sink, which writes, and the trainer, which reads);
+    # empty means <data_dir>/datasets.
+    datasets_dir: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -50,12 +53,29 @@ class CommonSettings(BaseSettings):
     # Prometheus metrics port; 0 disables the endpoint.
     metrics_port: int = 0
 
+    # Prompt rules, applied by the producer before sending and by teacher-inference on receipt.
+    max_prompt_chars: int = 32_768
+    max_new_tokens_limit: int = 4_096
+    max_logprobs_k: int = 128
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("DISTILL_KAFKA_BOOTSTRAP must name at least one host:port")
         return value
+
+    def shards_root(self) -> Path:
+        return self.datasets_dir or self.data_dir / "datasets"
+
+    def prompt_limits(self) -> "PromptLimits":
+        from services.common.prompts import PromptLimits
+
+        return PromptLimits(
+            max_prompt_chars=self.max_prompt_chars,
+            max_new_tokens=self.max_new_tokens_limit,
+            max_logprobs_k=self.max_logprobs_k,
+        )
 
     def topic(self, name: str) -> str:
         """Full topic name of a logical topic (one of TOPICS)."""
