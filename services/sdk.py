@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from distillery.v1 import checkpoint_pb2, prompt_pb2, services_pb2
 from services.common import codec
@@ -39,10 +39,15 @@ class Client:
         return PromptSubmitter(self.settings, self._producer).submit(prompts)
 
     def checkpoints(
-        self, from_beginning: bool = True, timeout: float | None = None, group_id: str | None = None
+        self,
+        from_beginning: bool = True,
+        timeout: float | None = None,
+        group_id: str | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Iterator[checkpoint_pb2.CheckpointReady]:
         """CheckpointReady events as they arrive. From the beginning of the topic by default;
-        ends after `timeout` seconds without a new event (None: never)."""
+        ends after `timeout` seconds without a new event (None: never), or when `stop()` is true
+        (checked twice a second)."""
         consumer = make_consumer(
             self.settings,
             group_id or f"distill-watch-{uuid.uuid4().hex[:8]}",
@@ -53,7 +58,7 @@ class Client:
         consumer.subscribe([self.settings.topic(CHECKPOINTS)])
         last = time.monotonic()
         try:
-            while timeout is None or time.monotonic() - last < timeout:
+            while (timeout is None or time.monotonic() - last < timeout) and not (stop and stop()):
                 for records in consumer.poll(timeout_ms=500).values():
                     for record in records:
                         last = time.monotonic()
