@@ -57,6 +57,9 @@ class StackConfig:
     # Per-service extra settings, e.g. {"trainer": {"RUN_ID": "r1"}}.
     service_settings: dict[str, dict[str, str]] = field(default_factory=dict)
     services: tuple[str, ...] = SERVICES
+    # Use servers already running instead of starting them (tests share one per session).
+    external_kafka: str | None = None
+    external_triton: str | None = None
 
 
 class LocalStack:
@@ -90,7 +93,8 @@ class LocalStack:
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        ensure_jars()
+        if not self.config.external_kafka:
+            ensure_jars()
         teacher_dir, student_dir = self.ensure_models()
         self.teacher_dir, self.student_dir = teacher_dir, student_dir
         self.start_kafka()
@@ -102,6 +106,10 @@ class LocalStack:
         self.write_endpoints()
 
     def start_kafka(self) -> None:
+        if self.config.external_kafka:
+            create_topics(self.config.external_kafka, default_topics(self.config.topic_prefix, self.config.partitions))
+            self.endpoints["kafka"] = self.config.external_kafka
+            return
         self.broker = KafkaBroker(self.data_dir / "kafka", port=_port(self.config.kafka_port),
                                   partitions=self.config.partitions)
         self.broker.start()
@@ -109,6 +117,9 @@ class LocalStack:
         self.endpoints["kafka"] = self.broker.bootstrap
 
     def start_triton(self) -> None:
+        if self.config.external_triton:
+            self.endpoints["triton"] = self.config.external_triton
+            return
         self.triton = TritonServer(
             MODEL_REPOSITORY,
             self.data_dir / "triton",

@@ -1,0 +1,171 @@
+"""`distill report`: a training-data summary of a checkpoint (or of a whole data dir) in Markdown
+and JSON, built only from recorded lineage: the checkpoint's lineage.json (shards with sha256),
+the shards' own rows (teacher identity and licence, prompt source and licence, times, tokens).
+`--verify` recomputes every shard's sha256 and fails on any mismatch.
+
+The public summary the EU AI Act asks of providers of general-purpose models starts from exactly
+these facts: which teachers (and under which terms) produced the data, where the prompts came from,
+how much, and when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+REPORT_VERSION = 1
+COLUMNS = ["prompt_id", "teacher_model", "teacher_revision", "teacher_version", "teacher_license", "teacher_owner",
+           "distillation_permitted", "policy_override", "triton_version", "teacher_tokenizer_hash", "source",
+           "prompt_license", "prompt_token_ids", "completion_token_ids", "created_at", "written_at"]
+
+
+class VerifyError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def shards_of(target: Path) -> tuple[list[dict], dict | None]:
+    """(shards with shard_id/uri/sha256, the checkpoint lineage or None for a data dir)."""
+    if (target / "lineage.json").exists():
+        lineage = json.loads((target / "lineage.json").read_text())
+        return list(lineage.get("shards", [])), lineage
+    shards = []
+    for manifest in sorted(target.glob("datasets/**/*.manifest.json")):
+        body = json.loads(manifest.read_text())
+        shards.append({"shard_id": body.get("shard_id"), "uri": body.get("uri"), "sha256": body.get("sha256"),
+                       "record_count": body.get("record_count")})
+    return shards, None
+
+
+def build_report(target: Path, verify: bool = False) -> dict:
+    shards, lineage = shards_of(target)
+    teachers: dict[tuple, dict] = {}
+    sources: Counter = Counter()
+    source_licenses: dict[str, set] = {}
+    rows = prompt_tokens = completion_tokens = 0
+    first = last = None
+    mismatches = []
+    shard_rows = []
+    for shard in shards:
+        path = _path(shard["uri"])
+        entry = {"shard_id": shard["shard_id"], "sha256": shard.get("sha256"), "uri": shard["uri"]}
+        if verify:
+            actual = _sha256(path) if path.exists() else "missing"
+            entry["verified"] = actual == str(shard.get("sha256", "")).removeprefix("sha256:")
+            if not entry["verified"]:
+                mismatches.append(f"{shard['shard_id']}: recorded {shard.get('sha256')}, found {actual}")
+        shard_rows.append(entry)
+        if not path.exists():
+            continue
+        table = pq.read_table(path, columns=COLUMNS)
+        rows += table.num_rows
+        entry["rows"] = table.num_rows
+        prompt_tokens += int(pc.sum(pc.list_value_length(table.column("prompt_token_ids"))).as_py() or 0)
+        completion_tokens += int(pc.sum(pc.list_value_length(table.column("completion_token_ids"))).as_py() or 0)
+        for row in table.select(["teacher_model", "teacher_revision", "teacher_version", "teacher_license",
+                                 "teacher_owner", "distillation_permitted", "policy_override", "triton_version",
+                                 "teacher_tokenizer_hash"]).to_pylist():
+            key = (row["teacher_model"], row["teacher_revision"])
+            t = teachers.setdefault(key, {**row, "rows": 0, "triton_versions": set()})
+            t["rows"] += 1
+            t["triton_versions"].add(row["triton_version"])
+        for source, license_ in zip(table.column("source").to_pylist(), table.column("prompt_license").to_pylist()):
+            source = source or "(unspecified)"
+            sources[source] += 1
+            source_licenses.setdefault(source, set()).add(license_ or "(unspecified)")
+        lo, hi = pc.min(table.column("created_at")).as_py(), pc.max(table.column("written_at")).as_py()
+        first = lo if first is None or (lo and lo < first) else first
+        last = hi if last is None or (hi and hi > last) else last
+    report = {
+        "report_version": REPORT_VERSION,
+        "generated_at": datetime.now(timezone.utc).isoformat(),
+        "subject": str(target),
+        "checkpoint": None if lineage is None else {
+            "run_id": lineage.get("run_id"), "step": lineage.get("step"), "samples": lineage.get("samples"),
+            "student": lineage.get("student"), "metrics": lineage.get("metrics"),
+        },
+        "teachers": [
+            {**{k: v for k, v in t.items() if k != "triton_versions"}, "triton_versions": sorted(t["triton_versions"])}
+            for t in teachers.values()
+        ],
+        "prompt_sources": [
+            {"source": s, "rows": n, "licenses": sorted(source_licenses[s])} for s, n in sources.most_common()
+        ],
+        "rows": rows,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "time_span": {"first_prompt_created": first.isoformat() if first else None,
+                      "last_row_written": last.isoformat() if last else None},
+        "shards": shard_rows,
+        "verified": (not mismatches) if verify else None,
+        "mismatches": mismatches,
+    }
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# Training-data summary", "", f"Subject: `{report['subject']}`  ", f"Generated: {report['generated_at']}", ""]
+    if report["checkpoint"]:
+        c = report["checkpoint"]
+        lines += [f"Checkpoint: run `{c['run_id']}`, step {c['step']}, {c['samples']} samples", ""]
+    lines += ["## Teachers", "", "| model | revision | licence | owner | distillation permitted | override | rows | Triton |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t in report["teachers"]:
+        lines.append(f"| {t['teacher_model']} | `{t['teacher_revision']}` | {t['teacher_license'] or '-'} | "
+                     f"{t['teacher_owner'] or '-'} | {t['distillation_permitted']} | {t['policy_override']} | "
+                     f"{t['rows']} | {', '.join(t['triton_versions'])} |")
+    lines += ["", "## Prompt sources", "", "| source | rows | licences |", "|---|---|---|"]
+    for s in report["prompt_sources"]:
+        lines.append(f"| {s['source']} | {s['rows']} | {', '.join(s['licenses'])} |")
+    span = report["time_span"]
+    lines += ["", "## Volume", "", f"- rows: {report['rows']}", f"- prompt tokens: {report['prompt_tokens']}",
+              f"- completion tokens: {report['completion_tokens']}",
+              f"- time span: {span['first_prompt_created']} to {span['last_row_written']}", "",
+              "## Shards", "", "| shard | rows | sha256 |" + (" verified |" if report["verified"] is not None else ""),
+              "|---|---|---|" + ("---|" if report["verified"] is not None else "")]
+    for s in report["shards"]:
+        lines.append(f"| {s['shard_id']} | {s.get('rows', '?')} | `{s['sha256']}` |"
+                     + (f" {s.get('verified')} |" if report["verified"] is not None else ""))
+    if report["mismatches"]:
+        lines += ["", "## Verification FAILED", ""] + [f"- {m}" for m in report["mismatches"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(target: Path, out: Path | None = None, verify: bool = False) -> Path:
+    report = build_report(target, verify=verify)
+    out = out or (target if (target / "lineage.json").exists() else target / "reports")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(to_markdown(report))
+    if verify and report["mismatches"]:
+        raise VerifyError("; ".join(report["mismatches"]))
+    return out / "report.md"
+
+
+def main(args) -> int:
+    target = Path(args.checkpoint) if args.checkpoint else Path(args.data_dir or ".distill")
+    try:
+        path = write_report(target, Path(args.out) if args.out else None, verify=args.verify)
+    except VerifyError as exc:
+        sys.stderr.write(f"distill report: verification failed: {exc}\n")
+        return 1
+    sys.stdout.write(f"{path}\n")
+    return 0
