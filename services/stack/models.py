@@ -55,6 +55,10 @@ CHAT_TEMPLATE = (
 COMPLETE_MARKER = ".complete"
 REPORT_FILE = "training_report.json"
 
+# The names the models report (TEACHER_INFO.model_name; registered in deploy/teachers.yaml).
+TEACHER_NAME = "distillery-tiny-teacher"
+STUDENT_NAME = "distillery-tiny-student"
+
 TEACHER_SHAPE = {"n_layer": 4, "n_embd": 192, "n_head": 6}
 STUDENT_SHAPE = {"n_layer": 2, "n_embd": 96, "n_head": 4}
 N_POSITIONS = 128
@@ -85,6 +89,31 @@ def synthetic_examples(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def synthetic_prompts(n: int, seed: int = 0) -> list[str]:
     """The prompts of `synthetic_examples(n, seed)`."""
     return [prompt for prompt, _ in synthetic_examples(n, seed)]
+
+
+def task_prompts(n: int, seed: int = 0, chat_every: int = 5, source: str = "synthetic") -> list[dict]:
+    """`n` prompts in the JSON shape users push (DESIGN.md s2); every `chat_every`-th as a chat."""
+    prompts = []
+    for i, prompt in enumerate(synthetic_prompts(n, seed)):
+        task = prompt.split(":", 1)[0]
+        body: dict = {"max_new_tokens": 16, "source": f"{source}/{task}", "license": "cc0-1.0"}
+        if chat_every and i % chat_every == chat_every - 1:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        prompts.append(body)
+    return prompts
+
+
+def task_answer(prompt: str) -> str:
+    """The right answer to a synthetic prompt (for tests and evaluation)."""
+    task, rest = prompt.split(":", 1)
+    rest = rest.strip().removesuffix("=").strip()
+    if task == "add":
+        a, b = rest.split("+")
+        return f" {int(a) + int(b)}"
+    letters = rest.split()
+    return " " + " ".join(letters[::-1] if task == "reverse" else sorted(letters))
 
 
 # --- tokenizer ------------------------------------------------------------------------------
@@ -277,6 +306,20 @@ def evaluate_model_dir(model_dir: Path | str, n: int = 300, seed: int = 12345, c
     return exact_match(model, load_tokenizer(model_dir), synthetic_examples(n, seed), chat=chat)
 
 
+def model_name(model_dir: Path | str) -> str:
+    """The name a model folder goes by: its marker's model_name, else config.json's
+    `_name_or_path`, else the folder name."""
+    model_dir = Path(model_dir)
+    for path, key in ((model_dir / COMPLETE_MARKER, "model_name"), (model_dir / "config.json", "_name_or_path")):
+        try:
+            value = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if value:
+            return str(value)
+    return model_dir.resolve().name
+
+
 def _save(model: GPT2LMHeadModel, tokenizer_source, out_dir: Path) -> None:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if isinstance(tokenizer_source, Path):
@@ -308,7 +351,7 @@ def make_teacher(out_dir: Path | str, train_seconds: float = 60, seed: int = 0) 
     out_dir = _fresh_dir(out_dir)
     tokenizer = make_tokenizer()
     model = _gpt2(tokenizer, TEACHER_SHAPE, seed)
-    report: dict = {"role": "teacher", "seed": seed, "shape": TEACHER_SHAPE,
+    report: dict = {"role": "teacher", "model_name": TEACHER_NAME, "seed": seed, "shape": TEACHER_SHAPE,
                     "parameters": sum(p.numel() for p in model.parameters())}
     if train_seconds > 0:
         report |= _train(model, tokenizer, train_seconds, seed)
@@ -335,7 +378,7 @@ def make_student(out_dir: Path | str, teacher_dir: Path | str, seed: int = 0) ->
     model = _gpt2(tokenizer, STUDENT_SHAPE, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     _save(model, teacher_dir, out_dir)
-    _mark_complete(out_dir, {"role": "student", "seed": seed, "shape": STUDENT_SHAPE,
+    _mark_complete(out_dir, {"role": "student", "model_name": STUDENT_NAME, "seed": seed, "shape": STUDENT_SHAPE,
                              "teacher_weights_hash": weights_hash(teacher_dir)})
     return out_dir
 
