@@ -46,3 +46,9 @@ def check_health(target: str, timeout: float = 3.0, service: str = "") -> bool:
         except grpc.RpcError:
             return False
     return response.status == SERVING
+
+
+if __name__ == "__main__":  # container healthchecks: python -m services.common.health HOST:PORT
+    import sys
+
+    sys.exit(0 if check_health(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051") else 1)
