@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import KafkaProducer
+from kafka.errors import MessageSizeTooLargeError
 
 from distillery.v1 import prompt_pb2, services_pb2
 from services.common import codec, metrics
@@ -61,7 +62,13 @@ class PromptSubmitter:
                 log.info("prompt_rejected", index=index, reason=exc.reason, detail=exc.detail[:300])
                 continue
             value, headers = codec.encode(prompt)
-            future = self.producer.send(self.topic, key=prompt.id.encode(), value=value, headers=headers)
+            try:
+                future = self.producer.send(self.topic, key=prompt.id.encode(), value=value, headers=headers)
+            except MessageSizeTooLargeError as exc:  # refused before sending: nothing was sent
+                summary.rejected += 1
+                summary.rejections.add(index=index, id=prompt.id, reason=f"prompt-too-large: {exc}")
+                metrics.ERRORS.labels(SERVICE, "prompt-too-large").inc()
+                continue
             pending.append((future, prompt.id))
             if len(pending) >= self.chunk:
                 self._settle(pending, summary)
