@@ -7,10 +7,15 @@ distributions on k+1 outcomes - the k ids, and "everything else" - so the tail i
 dropped nor silently renormalised away. The student's tail is 1 - the sum of its probabilities on
 the teacher's k ids.
 
+The student's tail is computed exactly, as a log-sum-exp over its logits outside the teacher's k
+ids (not as log(1 - sum), which loses precision and gradient when the tail is small).
+
 Temperature: the teacher's log-probabilities are re-tempered from the capture temperature Tc to
-the training temperature T (exact on the top-k up to the shared normaliser, which is recomputed
-with the tail taken as one bucket); the student's logits are divided by T. Forward KL and JSD are
-scaled by T^2, as usual, so gradients keep their size across temperatures.
+the training temperature T: p_T(i) ∝ p_Tc(i) ** (Tc / T), exact on the top-k up to the shared
+normaliser, which is recomputed with the tail taken as one bucket (a lower bound on the true
+tail when T > Tc; exact when T == Tc, the default). Tc may differ per row (a tensor). The
+student's logits are divided by T. The KL and JSD parts are scaled by T^2, as usual, so
+gradients keep their size across temperatures.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-8
+# log of the smallest student tail mass that still counts (below it the tail is taken as empty).
+STUDENT_TAIL_FLOOR = -100.0
 
 
 class VocabMismatchError(ValueError):
@@ -49,22 +56,45 @@ def check_vocab(teacher_vocab_size: int, teacher_tokenizer_hash: str, student_vo
 def _with_tail(logprobs: torch.Tensor) -> torch.Tensor:
     """[..., k] log-probabilities -> [..., k+1] with the log of the remaining mass appended."""
     mass = logprobs.exp().sum(-1, keepdim=True).clamp(max=1.0)
-    tail = torch.log1p(-mass.clamp(max=1.0 - 1e-6)).clamp(min=-30.0)
+    # A top-k holding all the mass (or float16 rounding past 1) leaves a tail of e^-30, not -inf.
+    tail = torch.log1p(-mass).clamp(min=-30.0)
     return torch.cat([logprobs, tail], dim=-1)
 
 
-def teacher_distribution(topk_logprobs: torch.Tensor, capture_temperature: float, temperature: float) -> torch.Tensor:
-    """Teacher log-probabilities on k ids + tail at the training temperature."""
-    with_tail = _with_tail(topk_logprobs)
-    if abs(capture_temperature - temperature) < 1e-6:
-        return with_tail
-    return torch.log_softmax(with_tail * (capture_temperature / temperature), dim=-1)
+def teacher_distribution(topk_logprobs: torch.Tensor, capture_temperature: float | torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """Teacher log-probabilities on k ids + tail at the training temperature.
+
+    `capture_temperature` is a float, or a tensor broadcast from the left over `topk_logprobs`'
+    leading dims (e.g. [N] per position for [N, k] log-probs, [B] per row for [B, L, k]).
+    """
+    with_tail = _with_tail(topk_logprobs.float())
+    if not torch.is_tensor(capture_temperature):
+        if capture_temperature <= 0:
+            raise ValueError(f"capture_temperature must be > 0, got {capture_temperature}")
+        if abs(capture_temperature - temperature) < 1e-6:
+            return with_tail
+        return torch.log_softmax(with_tail * (capture_temperature / temperature), dim=-1)
+    scale = capture_temperature.to(device=with_tail.device, dtype=with_tail.dtype)
+    if bool((scale <= 0).any()):
+        raise ValueError("capture_temperature must be > 0 on every row")
+    scale = (scale / temperature).reshape(scale.shape + (1,) * (with_tail.dim() - scale.dim()))
+    return torch.log_softmax(with_tail * scale, dim=-1)
 
 
 def student_distribution(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Student log-probabilities on the teacher's k ids + tail, at `temperature`."""
+    """Student log-probabilities on the teacher's k ids + tail, at `temperature`.
+
+    The tail is exact: a log-sum-exp over the logits outside the k ids. Those ids are filled with
+    the dtype's most negative finite value (not -inf), so the gradient stays finite even when the
+    k ids cover the whole vocabulary.
+    """
     logprobs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return _with_tail(torch.gather(logprobs, -1, topk_ids))
+    ids = topk_ids.long()
+    outside = logprobs.scatter(-1, ids, torch.finfo(logprobs.dtype).min)
+    # Floored like the teacher's tail, so an empty tail costs nothing instead of overflowing.
+    tail = torch.logsumexp(outside, -1, keepdim=True).clamp(min=STUDENT_TAIL_FLOOR)
+    return torch.cat([torch.gather(logprobs, -1, ids), tail], dim=-1)
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
@@ -103,9 +133,11 @@ class DistillationLoss:
         self.weights, self.temperature, self.jsd_beta = weights, temperature, jsd_beta
 
     def __call__(self, student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 labels: torch.Tensor, mask: torch.Tensor, capture_temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                 labels: torch.Tensor, mask: torch.Tensor,
+                 capture_temperature: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
         """student_logits [N, V], topk_ids/topk_logprobs [N, k], labels [N], mask [N] (1 = a
-        completion position). Returns the total and every part (means over masked positions)."""
+        completion position), capture_temperature a float or [N] per position. Returns the total
+        ("loss") and every part (means over masked positions; KL and JSD parts already x T^2)."""
         mask = mask.float()
         n = mask.sum().clamp(min=1.0)
         T = self.temperature
@@ -113,7 +145,7 @@ class DistillationLoss:
         s_log = student_distribution(student_logits, topk_ids, T)
         parts = {
             "forward_kl": (forward_kl(t_log, s_log) * mask).sum() / n * T * T,
-            "reverse_kl": (reverse_kl(t_log, s_log) * mask).sum() / n,
+            "reverse_kl": (reverse_kl(t_log, s_log) * mask).sum() / n * T * T,
             "jsd": (generalized_jsd(t_log, s_log, self.jsd_beta) * mask).sum() / n * T * T,
             "ce": (F.cross_entropy(student_logits.float(), labels.clamp(min=0), reduction="none") * mask).sum() / n,
         }

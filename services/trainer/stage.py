@@ -178,7 +178,9 @@ class TrainerStage:
             for part in ("loss", "forward_kl", "reverse_kl", "jsd", "ce"):
                 if part in stats:
                     metrics.TRAIN_LOSS.labels(SERVICE, part).set(stats[part])
-            evaluation = self.trainer.evaluate(table)
+            evaluation = self.trainer.evaluate()
+            if not evaluation["eval_rows"]:  # nothing held out yet: measure on this shard
+                evaluation = self.trainer.evaluate(table)
             identity = json_format.MessageToDict(teacher, preserving_proto_field_name=True) if teacher else {}
             checkpoint_metrics = {
                 "train_loss": stats.get("loss", 0.0),
@@ -221,18 +223,7 @@ class TrainerStage:
 def make_stage(settings: TrainerSettings, board: CheckpointBoard, stack: ExitStack) -> TrainerStage:
     from services.trainer.core import StudentTrainer, TrainConfig
 
-    config = TrainConfig(
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        batch_size=settings.batch_size,
-        grad_accum=settings.grad_accum,
-        max_grad_norm=settings.max_grad_norm,
-        temperature=settings.temperature,
-        jsd_beta=settings.jsd_beta,
-        checkpoint_every_steps=settings.checkpoint_every_steps,
-        eval_fraction=settings.eval_fraction,
-        seed=settings.seed,
-        device=settings.device,
-    )
+    config = TrainConfig(**{name: getattr(settings, name) for name in TrainConfig.model_fields
+                            if name in TrainerSettings.model_fields})
     trainer = StudentTrainer(settings.student_dir, settings.runs_root(), settings.run_id, config)
     return TrainerStage(settings, trainer, board)
