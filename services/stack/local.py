@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import CommonSettings
 from services.common.logging import get_logger
+from services.stack.errors import LaunchError
 from services.stack.kafka import KafkaBroker, create_topics, default_topics, ensure_jars
 from services.stack.ports import free_port, port_is_free
 from services.stack.processes import REPO_ROOT, ServiceProcess
@@ -103,7 +105,25 @@ class LocalStack:
             replicas = self.config.teacher_replicas if name == "teacher" else 1
             for i in range(replicas):
                 self.start_service(name, i)
+        for processes in self.processes.values():
+            for process in processes:
+                self.wait_ready(process)
         self.write_endpoints()
+
+    def wait_ready(self, process: ServiceProcess, timeout: float = 180) -> None:
+        """Until the service's gRPC health answers SERVING (it does once its consumer, producer and
+        stage are up); a process that exits first is reported with its log."""
+        from services.common.health import check_health
+
+        deadline = time.monotonic() + timeout
+        while not check_health(process.grpc_target, timeout=1.0):
+            if not process.running:
+                raise LaunchError(f"{process.name} exited with code {process.proc.returncode} while starting; "
+                                  f"{process.log_path} ends with:\n{process.log_tail(40)}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{process.name} not healthy after {timeout:.0f}s; "
+                                  f"{process.log_path} ends with:\n{process.log_tail(40)}")
+            time.sleep(0.3)
 
     def start_kafka(self) -> None:
         if self.config.external_kafka:
@@ -153,10 +173,12 @@ class LocalStack:
             env["DISTILL_GRPC_PORT"] = str(port)
             self.endpoints["trainer"] = f"127.0.0.1:{port}"
         else:
-            env.setdefault("DISTILL_GRPC_PORT", "0")
+            port = free_port()
+            env["DISTILL_GRPC_PORT"] = str(port)
         process = ServiceProcess(
             f"{name}-{index}", f"services.{name}", env, self.data_dir / "logs" / f"{name}-{index}.log"
         ).start()
+        process.grpc_target = f"127.0.0.1:{port}"
         replicas = self.processes.setdefault(name, [])
         if index < len(replicas):
             replicas[index] = process

@@ -27,6 +27,7 @@ class ServiceProcess:
         self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        self.grpc_target: str | None = None
 
     @property
     def running(self) -> bool:
