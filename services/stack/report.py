@@ -73,9 +73,13 @@ def build_report(target: Path, verify: bool = False) -> dict:
             if not entry["verified"]:
                 mismatches.append(f"{shard['shard_id']}: recorded {shard.get('sha256')}, found {actual}")
         shard_rows.append(entry)
-        if not path.exists():
+        if not path.exists() or entry.get("verified") is False:
+            continue  # a shard that is not what the lineage recorded is not summarised
+        try:
+            table = pq.read_table(path, columns=COLUMNS)
+        except (OSError, ValueError) as exc:
+            mismatches.append(f"{shard['shard_id']}: unreadable: {exc}")
             continue
-        table = pq.read_table(path, columns=COLUMNS)
         rows += table.num_rows
         entry["rows"] = table.num_rows
         prompt_tokens += int(pc.sum(pc.list_value_length(table.column("prompt_token_ids"))).as_py() or 0)
