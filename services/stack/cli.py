@@ -133,8 +133,12 @@ def cmd_up(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import signal
+
     from services.stack.demo import run_demo
 
+    # SIGTERM unwinds like Ctrl-C, so the stack's context manager stops every child process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return run_demo(_stack_config(args), prompts=args.prompts, timeout=args.timeout)
 
 

@@ -48,7 +48,8 @@ def run_demo(config, prompts: int = 400, timeout: float = 900.0, seed: int = 7) 
         trainer_grpc_port=None,
         settings={"SHARD_MAX_ROWS": str(rows_per_shard), "SHARD_MAX_AGE_S": "10", "LOG_LEVEL": "INFO",
                   **config.settings},
-        service_settings={"trainer": {"RUN_ID": "demo", "EPOCHS_PER_SHARD": "3"}, **config.service_settings},
+        service_settings={"trainer": {"RUN_ID": "demo", "EPOCHS_PER_SHARD": "4", "LR": "0.003"},
+                          **config.service_settings},
     )
     _say(f"[demo] starting Kafka, Triton and the services under {demo_dir}")
     with LocalStack(stack_config) as stack:
@@ -56,7 +57,9 @@ def run_demo(config, prompts: int = 400, timeout: float = 900.0, seed: int = 7) 
         batch = task_prompts(prompts, seed=seed)
         with Client(settings=stack.settings()) as client:
             summary = client.submit(batch)
-        _say(f"[demo] submitted {summary.accepted} prompts ({summary.rejected} rejected)")
+        unique = len(set(summary.accepted_ids))
+        _say(f"[demo] submitted {summary.accepted} prompts ({summary.rejected} rejected); {unique} distinct "
+             f"(a prompt pushed twice is one dataset row)")
         _say("[demo] waiting for checkpoints (the student trains as shards land)")
         _say(f"{'step':>6} {'samples':>8} {'shards':>6} {'agreement':>10} {'eval KL':>8}  checkpoint")
         first = last = None
@@ -68,10 +71,10 @@ def run_demo(config, prompts: int = 400, timeout: float = 900.0, seed: int = 7) 
                  f"{event.metrics.token_agreement:>10.3f} {event.metrics.eval_kl:>8.3f}  {event.uri}")
             first = first or event
             last = event
-            if covered >= summary.accepted:
+            if covered >= unique:
                 break
         dead = stack.dead_processes()
-        if last is None or sum(s.record_count for s in last.shards) < summary.accepted:
+        if last is None or sum(s.record_count for s in last.shards) < unique:
             _say("[demo] FAILED: the student did not train on every prompt")
             for process in dead:
                 _say(f"[demo] {process.name} exited; its log ({process.log_path}) ends with:\n{process.log_tail()}")
