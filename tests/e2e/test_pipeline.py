@@ -149,3 +149,66 @@ def test_prompts_in_checkpoints_out(stack):
         status = stub.GetStatus(services_pb2.GetStatusRequest(), timeout=30)
     assert last.step in {c.step for c in listed.checkpoints}
     assert status.run_id == "e2e" and status.step >= last.step
+
+
+BAD_INPUT = [
+    # (key, value, headers, expected dead-letter reason)
+    (b"bad-json", b"{not json", [], "malformed-json"),
+    (b"bad-trunc", prompt_pb2.Prompt(id="bad-trunc", text="hello world, a longer prompt").SerializeToString()[:-5],
+     [("content-type", b"application/x-protobuf")], "malformed-protobuf"),
+    (b"bad-schema", b'{"prompt": "x"}', [("content-type", b"application/json"),
+                                         ("schema", b"distillery.v1.ShardReady")], "wrong-schema"),
+    (b"bad-utf8", b'{"prompt": "\xff\xfe"}', [("content-type", b"application/json")], "invalid-utf8"),
+    (b"bad-empty", b'{"prompt": ""}', [], "empty-prompt"),
+    (b"bad-huge", json.dumps({"prompt": "x" * 40_000}).encode(), [], "prompt-too-large"),
+    (b"bad-negative", b'{"prompt": "x", "max_new_tokens": -5}', [], "invalid-parameter"),
+    (b"bad-absurd", b'{"prompt": "x", "temperature": 1e9}', [], "invalid-parameter"),
+    (b"bad-unknown", b'{"prompt": "x", "beam_width": 4}', [], "unknown-field"),
+    (b"bad-unknown-pb", prompt_pb2.Prompt(id="u", text="x").SerializeToString() + b"\xf8\x3f\x01",
+     [("content-type", b"application/x-protobuf")], "unknown-field"),
+    (b"bad-array", b"[1, 2, 3]", [("content-type", b"application/json")], "schema-invalid"),
+    (b"bad-tombstone", None, [], "empty"),
+]
+
+
+def test_bad_input_corpus_ends_in_dead_letters_and_the_pipeline_keeps_moving(stack):
+    producer = make_producer(stack.settings(), "t-corpus")
+    topic = stack.settings().topic("prompts")
+    for key, value, headers, _ in BAD_INPUT:
+        producer.send(topic, key=key, value=value, headers=headers)
+    # duplicate ids with different content: the first wins, one dataset row
+    producer.send(topic, key=b"dup-1", value=json.dumps({"id": "dup-1", "prompt": "sort: b a ="}).encode())
+    producer.send(topic, key=b"dup-1", value=json.dumps({"id": "dup-1", "prompt": "sort: z y ="}).encode())
+    producer.send(topic, key=b"after-bad", value=json.dumps({"id": "after-bad", "prompt": "add: 2+3 ="}).encode())
+    producer.flush()
+    producer.close()
+
+    expected = {key.decode(): reason for key, _, _, reason in BAD_INPUT}
+    consumer = make_consumer(stack.settings(), f"t-{uuid.uuid4().hex[:6]}", "t-corpus-dlq")
+    consumer.subscribe([stack.settings().topic(DEAD_LETTERS)])
+    seen: dict[str, str] = {}
+
+    def all_dead_lettered():
+        for batch in consumer.poll(timeout_ms=500).values():
+            for r in batch:
+                key = r.key.decode() if r.key else ""
+                if key in expected:
+                    seen[key] = dict(r.headers)["dlq-reason"].decode()
+                    assert dict(r.headers)["dlq-source-topic"].decode() == topic
+                    assert r.value == next(v for k, v, _, _ in BAD_INPUT if k == r.key), "original bytes kept"
+        return len(seen) == len(expected)
+
+    try:
+        wait_for(all_dead_lettered, timeout=120, what="the bad-input corpus in the dead-letter topic")
+    finally:
+        consumer.close()
+    assert seen == expected
+
+    dataset_dir = stack.data_dir / "datasets" / "default"
+
+    def ids():
+        return [i for p in dataset_dir.glob("*.parquet") for i in pq.read_table(p).column("prompt_id").to_pylist()]
+
+    wait_for(lambda: {"after-bad", "dup-1"} <= set(ids()), timeout=180, what="good prompts after the bad ones")
+    assert ids().count("dup-1") == 1 and ids().count("after-bad") == 1
+    assert not stack.dead_processes()
