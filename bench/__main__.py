@@ -18,7 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 
 from services.common.logging import configure_logging
 

@@ -47,6 +47,16 @@ def encode(message: Message, extra_headers: Headers | None = None) -> tuple[byte
     return message.SerializeToString(deterministic=True), headers + list(extra_headers or ())
 
 
+def parse_json(value: bytes) -> object:
+    """UTF-8 JSON bytes -> Python value; DecodeError names what is wrong."""
+    try:
+        return json.loads(value.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid-utf8", str(exc)) from exc
+    except json.JSONDecodeError as exc:
+        raise DecodeError("malformed-json", str(exc)) from exc
+
+
 def decode(value: bytes | None, headers: Headers | None, message_cls: type[M]) -> M:
     """Decode a record as `message_cls`, honouring the content-type and schema headers."""
     if value is None:
@@ -57,12 +67,7 @@ def decode(value: bytes | None, headers: Headers | None, message_cls: type[M]) -
     if schema is not None and schema != expected:
         raise DecodeError("wrong-schema", f"schema header {schema!r}, expected {expected!r}")
     if content_type.startswith(JSON):
-        try:
-            data = json.loads(value.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise DecodeError("invalid-utf8", str(exc)) from exc
-        except json.JSONDecodeError as exc:
-            raise DecodeError("malformed-json", str(exc)) from exc
+        data = parse_json(value)
         try:
             return json_format.ParseDict(data, message_cls())
         except json_format.ParseError as exc:

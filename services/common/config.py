@@ -9,10 +9,14 @@ serve the local stack (`distill up`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Literal
 
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from services.common.prompts import PromptLimits
 
 ENV_PREFIX = "DISTILL_"
 

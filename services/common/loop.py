@@ -90,6 +90,22 @@ class Stage(Protocol):
         """Stopping: make what is held durable where possible."""
 
 
+class BaseStage:
+    """Defaults for a stage that holds nothing back: every output is produced in `process`."""
+
+    def tick(self) -> list[Output]:
+        return []
+
+    def held(self) -> dict[TopicPartition, int]:
+        return {}
+
+    def on_revoke(self, partitions: Iterable[TopicPartition]) -> list[Output]:
+        return []
+
+    def close(self) -> list[Output]:
+        return []
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop ends its turn, commits, flushes and returns."""
 

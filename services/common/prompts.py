@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from google.protobuf import json_format, unknown_fields
 
 from distillery.v1 import common_pb2, prompt_pb2
-from services.common.codec import JSON, PROTOBUF, DecodeError, Headers, header
+from services.common.codec import JSON, PROTOBUF, DecodeError, Headers, header, parse_json
 
 PARAM_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "logprobs_k")
 JSON_FIELDS = {"prompt", "messages", "id", "source", "metadata", "license", "created_at", *PARAM_FIELDS}
@@ -158,11 +158,9 @@ def decode_prompt(value: bytes | None, headers: Headers | None, limits: PromptLi
         content_type = JSON if value.lstrip()[:1] == b"{" else PROTOBUF
     if content_type.startswith(JSON):
         try:
-            data = json.loads(value.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise InvalidPrompt("invalid-utf8", str(exc)) from exc
-        except json.JSONDecodeError as exc:
-            raise InvalidPrompt("malformed-json", str(exc)) from exc
+            data = parse_json(value)
+        except DecodeError as exc:
+            raise InvalidPrompt(exc.reason, exc.detail) from exc
         prompt = prompt_from_json(data)
     elif content_type.startswith(PROTOBUF):
         prompt = prompt_pb2.Prompt()

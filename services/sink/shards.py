@@ -21,9 +21,7 @@ dedup index and the durable offsets per partition are rebuilt from the manifests
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ import pyarrow.parquet as pq
 from google.protobuf import json_format
 
 from distillery.v1 import common_pb2, dataset_pb2
+from services.common.files import sha256_file, write_atomic
 from services.common.dataset import SCHEMA, SCHEMA_VERSION, rows_to_table
 from services.common.logging import get_logger
 
@@ -54,31 +53,6 @@ def _safe_name(value: str, what: str) -> str:
     if not _SAFE.match(value) or ".." in value:
         raise ValueError(f"{what} {value!r} must be a plain name (letters, digits, '.', '_', '-')")
     return value
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -185,7 +159,7 @@ class ShardWriter:
 
     def mark_announced(self, shard_id: str) -> None:
         marker = self.dir / f"{_safe_name(shard_id, 'shard id')}.announced"
-        _write_atomic(marker, lambda p: p.write_text(datetime.now(timezone.utc).isoformat()))
+        write_atomic(marker, lambda p: p.write_text(datetime.now(timezone.utc).isoformat()))
 
     # -- rows ------------------------------------------------------------------------------------
     def committed_through(self, topic: str, partition: int) -> int | None:
@@ -252,7 +226,7 @@ class ShardWriter:
         shard_id = f"{self._prefix(topic, partition)}{buffer.first:012d}-{buffer.last:012d}"
         path = self.dir / f"{shard_id}.parquet"
         table = rows_to_table(buffer.rows)
-        _write_atomic(path, lambda p: pq.write_table(table, p, compression="zstd"))
+        write_atomic(path, lambda p: pq.write_table(table, p, compression="zstd"))
         teachers = {}
         for row in buffer.rows:
             ident = {field_: row[col] for col, field_ in TEACHER_FIELDS.items() if row.get(col) not in (None, "")}
@@ -273,7 +247,7 @@ class ShardWriter:
         body = info.__dict__ | {"writer": self.writer_id,
                                 "dedup_keys": [[r["prompt_id"], r["teacher_revision"]] for r in buffer.rows]}
         manifest = self._manifest_path(path)
-        _write_atomic(manifest, lambda p: p.write_text(json.dumps(body)))
+        write_atomic(manifest, lambda p: p.write_text(json.dumps(body)))
         self.durable[(topic, partition)] = max(self.durable.get((topic, partition), -1), buffer.last)
         log.info("shard_written", shard_id=shard_id, rows=info.record_count, bytes=info.bytes,
                  seconds=round(time.monotonic() - started, 3), partition=partition,

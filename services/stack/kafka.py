@@ -19,7 +19,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from services.common.config import PROMPTS, TEACHER_OUTPUTS, TOPICS
 from services.common.logging import get_logger
 from services.stack.errors import LaunchError
+from services.stack.processes import kill_group, stop_group
 from services.stack.ports import free_port, port_accepts, port_is_free
 
 log = get_logger(__name__)
@@ -377,12 +377,8 @@ class KafkaBroker:
         if not self.running:
             return
         begun = time.monotonic()
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("kafka_kill_after_timeout", bootstrap=self.bootstrap, timeout_s=timeout)
-            self.kill()
+        if not stop_group(self.proc, timeout):
+            log.warning("kafka_killed_after_timeout", bootstrap=self.bootstrap, timeout_s=timeout)
         log.info("kafka_stopped", bootstrap=self.bootstrap, code=self.proc.returncode,
                  seconds=round(time.monotonic() - begun, 2))
 
@@ -390,11 +386,7 @@ class KafkaBroker:
         """SIGKILL now, no controlled shutdown (what the chaos tests do)."""
         if not self.running:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        kill_group(self.proc)
         log.info("kafka_killed", bootstrap=self.bootstrap)
 
     def __enter__(self) -> "KafkaBroker":

@@ -20,6 +20,34 @@ log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def stop_group(proc: subprocess.Popen | None, timeout: float) -> bool:
+    """SIGTERM to the process group of `proc` (started with start_new_session), SIGKILL if it is
+    still alive after `timeout` s. True when it stopped on SIGTERM."""
+    if proc is None or proc.poll() is not None:
+        return True
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        return False
+
+
+def kill_group(proc: subprocess.Popen | None) -> None:
+    """SIGKILL to the whole process group now, then reap."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 class ServiceProcess:
     def __init__(self, name: str, module: str, env: dict[str, str], log_path: Path):
         self.name = name
@@ -56,19 +84,12 @@ class ServiceProcess:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (the service finishes its turn, flushes, commits), SIGKILL after `timeout`."""
-        if not self.running:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("process_kill_after_timeout", process=self.name, timeout_s=timeout)
-            return self.kill()
+        if not stop_group(self.proc, timeout):
+            log.warning("process_killed_after_timeout", process=self.name, timeout_s=timeout)
+        return self.proc.returncode if self.proc else None
 
     def kill(self) -> int | None:
-        if self.running:
-            self.proc.kill()
-            self.proc.wait()
+        kill_group(self.proc)
         return self.proc.returncode if self.proc else None
 
     def log_tail(self, lines: int = 30) -> str:

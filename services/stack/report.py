@@ -10,7 +10,6 @@ how much, and when.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections import Counter
@@ -20,6 +19,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from services.common.files import sha256_file
+
 REPORT_VERSION = 1
 COLUMNS = ["prompt_id", "teacher_model", "teacher_revision", "teacher_version", "teacher_license", "teacher_owner",
            "distillation_permitted", "policy_override", "triton_version", "teacher_tokenizer_hash", "source",
@@ -28,14 +29,6 @@ COLUMNS = ["prompt_id", "teacher_model", "teacher_revision", "teacher_version", 
 
 class VerifyError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _path(uri: str) -> Path:
@@ -68,7 +61,7 @@ def build_report(target: Path, verify: bool = False) -> dict:
         path = _path(shard["uri"])
         entry = {"shard_id": shard["shard_id"], "sha256": shard.get("sha256"), "uri": shard["uri"]}
         if verify:
-            actual = _sha256(path) if path.exists() else "missing"
+            actual = sha256_file(path) if path.exists() else "missing"
             entry["verified"] = actual == str(shard.get("sha256", "")).removeprefix("sha256:")
             if not entry["verified"]:
                 mismatches.append(f"{shard['shard_id']}: recorded {shard.get('sha256')}, found {actual}")
@@ -126,7 +119,7 @@ def build_report(target: Path, verify: bool = False) -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# Training-data summary", "", f"Subject: `{report['subject']}`  ", f"Generated: {report['generated_at']}", ""]
+    lines = ["# Training-data summary", "", f"Subject: `{report['subject']}`  ", f"Generated: {report['generated_at']}", ""]
     if report["checkpoint"]:
         c = report["checkpoint"]
         lines += [f"Checkpoint: run `{c['run_id']}`, step {c['step']}, {c['samples']} samples", ""]

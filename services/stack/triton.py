@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from services.common.logging import get_logger
 from services.stack.errors import LaunchError
+from services.stack.processes import kill_group, stop_group
 from services.stack.ports import free_port, port_is_free
 
 log = get_logger(__name__)
@@ -233,27 +233,14 @@ class TritonServer:
         """SIGTERM to the server's process group (the stubs go with it), SIGKILL after `timeout`."""
         if self.proc is None:
             return
-        if self.running:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("triton_kill_after_timeout", timeout_s=timeout, pid=self.proc.pid)
-        self.kill()
+        if not stop_group(self.proc, timeout):
+            log.warning("triton_killed_after_timeout", timeout_s=timeout, pid=self.proc.pid)
+        self.kill()  # the python backend stubs of this server go with it
         log.info("triton_stopped", grpc=self.grpc_url, returncode=self.proc.returncode)
 
     def kill(self) -> None:
         """SIGKILL to the whole process group (server and python stubs), then reap."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        kill_group(self.proc)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

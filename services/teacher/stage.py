@@ -9,19 +9,18 @@ dead-lettered with Triton's message.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
-from kafka import TopicPartition
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from distillery.v1 import common_pb2, prompt_pb2, teacher_output_pb2
 from services.common import codec
 from services.common.config import PROMPTS, TEACHER_OUTPUTS
 from services.common.logging import get_logger
-from services.common.loop import DeadLetter, Failed, Output, Retry
+from services.common.loop import BaseStage, DeadLetter, Failed, Output, Retry
 from services.common.prompts import decode_prompt, params_with_defaults
 from services.common.topk import pack
 from services.teacher import policy as teacher_policy
@@ -40,7 +39,7 @@ def _now() -> Timestamp:
     return ts
 
 
-class TeacherStage:
+class TeacherStage(BaseStage):
     name = SERVICE
 
     def __init__(self, settings: TeacherSettings, teacher: TritonTeacher):
@@ -162,18 +161,6 @@ class TeacherStage:
             timings=teacher_output_pb2.Timings(inference_ms=result.inference_ms),
             lineage=lineage,
         )
-
-    def tick(self) -> list[Output]:
-        return []
-
-    def held(self) -> dict[TopicPartition, int]:
-        return {}  # every output is produced before the loop commits
-
-    def on_revoke(self, partitions: Iterable[TopicPartition]) -> list[Output]:
-        return []
-
-    def close(self) -> list[Output]:
-        return []
 
 
 @retry(

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.common.files import fsync_dir
 from services.common.logging import get_logger
 from services.trainer import data
 from services.trainer.losses import DistillationLoss, LossWeights, check_vocab, student_distribution, teacher_distribution
@@ -190,7 +191,7 @@ class StudentTrainer:
         if final.exists():
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(self.run_dir)
+        fsync_dir(self.run_dir)
         if aside.exists():
             shutil.rmtree(aside)
         log.info("checkpoint_saved", path=str(final), step=self.step, shards=len(self.shards_done))
@@ -333,17 +334,9 @@ def _per_position(batch: dict) -> torch.Tensor:
     return batch["capture_temperature"][:, None].expand_as(batch["target"]).reshape(-1)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)

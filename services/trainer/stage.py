@@ -9,22 +9,21 @@ sink re-announces after a crash) is skipped and its checkpoint event re-publishe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlparse
 
 from google.protobuf import json_format
-from kafka import TopicPartition
 
 from distillery.v1 import checkpoint_pb2, common_pb2, dataset_pb2
 from services.common import codec, metrics
 from services.common.config import CHECKPOINTS, SHARDS
+from services.common.files import sha256_file
 from services.common.logging import get_logger
-from services.common.loop import DeadLetter, Failed, Output
+from services.common.loop import BaseStage, DeadLetter, Failed, Output
 from services.trainer.config import TrainerSettings
 
 log = get_logger(__name__)
@@ -43,14 +42,6 @@ def shard_path(uri: str, root: Path) -> Path:
     if not resolved.is_relative_to(root):
         raise DeadLetter("path-escape", f"shard uri {uri!r} points outside the datasets folder {root}")
     return resolved
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _same_hash(announced: str, actual: str) -> bool:
@@ -114,7 +105,7 @@ class CheckpointBoard:
             return list(self.events[count:])
 
 
-class TrainerStage:
+class TrainerStage(BaseStage):
     name = SERVICE
 
     def __init__(self, settings: TrainerSettings, trainer, board: CheckpointBoard):
@@ -206,18 +197,6 @@ class TrainerStage:
     def _output(self, event: checkpoint_pb2.CheckpointReady) -> Output:
         value, headers = codec.encode(event)
         return Output(self.output_topic, value, key=event.run_id.encode(), headers=headers)
-
-    def tick(self) -> list[Output]:
-        return []
-
-    def held(self) -> dict[TopicPartition, int]:
-        return {}  # a shard is committed only after its checkpoint is saved and announced
-
-    def on_revoke(self, partitions: Iterable[TopicPartition]) -> list[Output]:
-        return []
-
-    def close(self) -> list[Output]:
-        return []
 
 
 def make_stage(settings: TrainerSettings, board: CheckpointBoard, stack: ExitStack) -> TrainerStage:
