@@ -144,6 +144,51 @@ class Bench:
         teacher.close()
         return len(prompts) / elapsed
 
+    # -- 3: two teacher-inference replicas against one, with a waiting-dominated teacher ---------------
+    def scaling(self):
+        from services.sdk import Client
+        from services.stack.local import LocalStack, StackConfig
+        from services.stack.triton import MODEL_REPOSITORY, TritonServer
+
+        delay_ms, in_flight, n = 200, 4, self.args.prompts
+        slow = TritonServer(MODEL_REPOSITORY, self.tmp / "triton-slow", teacher_model_dir=self.teacher_dir,
+                            env={"DISTILL_TEACHER_DELAY_MS": str(delay_ms)}).start()
+        config = StackConfig(data_dir=self.tmp / "scaling", topic_prefix="scale.", external_kafka=self.broker.bootstrap,
+                             external_triton=slow.grpc_url, teacher_model_dir=self.teacher_dir,
+                             student_dir=self.student_dir, services=("teacher", "sink"), teacher_replicas=2,
+                             settings={"IN_FLIGHT": str(in_flight), "SHARD_MAX_AGE_S": "0.5",
+                                       "SHARD_MAX_ROWS": "100000", "LOG_LEVEL": "WARNING"})
+        try:
+            with LocalStack(config) as stack:
+                shards = stack.data_dir / "datasets" / "default"
+                client = Client(settings=stack.settings())
+
+                def rows_written() -> int:
+                    return sum(json.loads(p.read_text())["record_count"] for p in shards.glob("*.manifest.json"))
+
+                def replicas(count: int):
+                    second = stack.processes["teacher"][1]
+                    if count == 2 and not second.running:
+                        stack.wait_ready(stack.start_service("teacher", 1))
+                    elif count == 1 and second.running:
+                        second.stop()
+                    time.sleep(6)  # the group rebalances onto the replicas now running
+
+                def run(count: int) -> float:
+                    replicas(count)
+                    before = rows_written()
+                    started = time.monotonic()
+                    client.submit(self.prompts(n, f"s{count}-{uuid.uuid4().hex[:6]}"))
+                    _wait(lambda: rows_written() >= before + n, 900)
+                    return n / (time.monotonic() - started)
+
+                a, b = alternate(self.args.reps, lambda: run(2), lambda: run(1))
+                self.record("scaling", "2 teacher-inference replicas", a, "1 replica", b, "prompts/s", ">= 1.8", 1.8,
+                            note=f"teacher with {delay_ms} ms added per batch, {in_flight} in flight per replica")
+                client.close()
+        finally:
+            slow.stop()
+
     # -- 2: Triton's dynamic batching against in-process generate --------------------------------------
     def batching_gain(self):
         import torch
@@ -263,7 +308,8 @@ class Bench:
         started = time.monotonic()
         self.start_servers()
         try:
-            for step in (self.payload, self.batching_gain, self.trainer_data_path, self.pipeline_overhead):
+            for step in (self.payload, self.batching_gain, self.trainer_data_path, self.pipeline_overhead,
+                         self.scaling):
                 print(f"[bench] {step.__name__}", file=sys.stderr)
                 step()
         finally:

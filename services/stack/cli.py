@@ -118,17 +118,23 @@ def cmd_up(args) -> int:
     from services.common.loop import StopFlag
     from services.stack.local import LocalStack
 
+    import time
+
     stop = StopFlag().install()
+    restarts: dict[str, tuple[int, float]] = {}  # name -> (restarts so far, not before)
     with LocalStack(_stack_config(args)) as stack:
         sys.stderr.write("distill up: " + json.dumps(stack.endpoints) + "\n  Ctrl-C stops everything.\n")
-        while not stop.wait(2.0):
-            dead = stack.dead_processes()
-            if dead:
-                for process in dead:
-                    sys.stderr.write(f"{process.name} exited ({process.proc.returncode}); restarting. "
-                                     f"Log: {process.log_path}\n")
-                    name, index = process.name.rsplit("-", 1)
-                    stack.start_service(name, int(index))
+        while not stop.wait(1.0):
+            for process in stack.dead_processes():
+                count, not_before = restarts.get(process.name, (0, 0.0))
+                if time.monotonic() < not_before:
+                    continue
+                delay = min(2.0 ** count, 60.0)  # like a restart policy: back off, never give up
+                sys.stderr.write(f"{process.name} exited ({process.proc.returncode}); restarting "
+                                 f"(next back-off {delay:.0f}s). Log: {process.log_path}\n")
+                name, index = process.name.rsplit("-", 1)
+                stack.start_service(name, int(index))
+                restarts[process.name] = (count + 1, time.monotonic() + delay)
     return 0
 
 

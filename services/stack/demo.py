@@ -55,8 +55,20 @@ def run_demo(config, prompts: int = 400, timeout: float = 900.0, seed: int = 7) 
     with LocalStack(stack_config) as stack:
         _say(f"[demo] endpoints: {stack.endpoints}")
         batch = task_prompts(prompts, seed=seed)
-        with Client(settings=stack.settings()) as client:
-            summary = client.submit(batch)
+        from tqdm import tqdm
+
+        from distillery.v1 import services_pb2
+
+        summary = services_pb2.SubmitSummary()
+        with Client(settings=stack.settings()) as client, tqdm(total=len(batch), desc="[demo] submitting",
+                                                                 unit="prompt", file=sys.stdout) as bar:
+            for start in range(0, len(batch), 50):
+                chunk = client.submit(batch[start:start + 50])
+                summary.accepted += chunk.accepted
+                summary.rejected += chunk.rejected
+                summary.accepted_ids.extend(chunk.accepted_ids)
+                summary.rejections.extend(chunk.rejections)
+                bar.update(len(batch[start:start + 50]))
         unique = len(set(summary.accepted_ids))
         _say(f"[demo] submitted {summary.accepted} prompts ({summary.rejected} rejected); {unique} distinct "
              f"(a prompt pushed twice is one dataset row)")

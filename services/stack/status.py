@@ -3,6 +3,8 @@ partition ends), records waiting, and the latest checkpoint event."""
 
 from __future__ import annotations
 
+import time
+
 from kafka import TopicPartition
 
 from distillery.v1 import checkpoint_pb2
@@ -20,24 +22,33 @@ def _ends(consumer, topic: str) -> dict[TopicPartition, int]:
     return consumer.end_offsets(tps) if tps else {}
 
 
-def stack_status(settings: CommonSettings) -> dict:
+def _committed(admin, service: str) -> dict[TopicPartition, int]:
+    offsets = admin.list_consumer_group_offsets(group_id(service))
+    return {tp: (o.offset if o.offset >= 0 else 0) for tp, o in offsets.items()}
+
+
+def stack_status(settings: CommonSettings, window_s: float = 2.0) -> dict:
+    """Lag per stage, and records/s from committed offsets sampled `window_s` apart."""
     admin = make_admin(settings, "distill-status")
     consumer = make_consumer(settings, "distill-status", "distill-status")
     try:
         body: dict = {"kafka": settings.kafka_bootstrap, "stages": {}}
+        first = {service: _committed(admin, service) for service, _ in STAGES}
+        started = time.monotonic()
+        time.sleep(window_s)
         for service, topic_name in STAGES:
             topic = settings.topic(topic_name)
             ends = _ends(consumer, topic)
-            committed = admin.list_consumer_group_offsets(group_id(service))
-            lag = {}
-            for tp, end in ends.items():
-                done = committed.get(tp)
-                lag[str(tp.partition)] = end - (done.offset if done and done.offset >= 0 else 0)
+            committed = _committed(admin, service)
+            elapsed = time.monotonic() - started
+            lag = {str(tp.partition): end - committed.get(tp, 0) for tp, end in ends.items()}
+            done = sum(committed.get(tp, 0) - first[service].get(tp, 0) for tp in ends)
             body["stages"][service] = {
                 "topic": topic,
                 "records": sum(ends.values()),
                 "lag": sum(lag.values()),
                 "lag_by_partition": lag,
+                "records_per_s": round(done / elapsed, 2),
             }
         for name in (CHECKPOINTS, DEAD_LETTERS):
             body[f"{name}_total"] = sum(_ends(consumer, settings.topic(name)).values())

@@ -130,11 +130,42 @@ def test_prompts_in_checkpoints_out(stack):
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(last.uri.removeprefix("file://"))
-    assert AutoModelForCausalLM.from_pretrained(model_dir) is not None
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generated = model.generate(**tokenizer("sort: c b a =", return_tensors="pt"), max_new_tokens=4,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > 0
     assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt"))
     lineage = json.loads((model_dir / "lineage.json").read_text())
     assert {s["shard_id"] for s in lineage["shards"]} == covered(last)
     assert last.metrics.eval_rows >= 0 and last.teacher.revision
+
+    # two teacher-inference replicas split the partitions and answered every prompt exactly once
+    assigned = []
+    for process in stack.processes["teacher"]:
+        lines = [json.loads(line) for line in process.log_path.read_text().splitlines() if line.startswith("{")]
+        parts = [set(e["partitions"]) for e in lines if e.get("event") == "partitions_assigned"]
+        assert parts and parts[-1], f"{process.name} got no partitions"
+        assigned.append(parts[-1])
+    assert not (assigned[0] & assigned[1]) and assigned[0] | assigned[1] == {0, 1, 2, 3}
+    outputs = make_consumer(stack.settings(), f"t-{uuid.uuid4().hex[:6]}", "t-outputs")
+    outputs.subscribe([stack.settings().topic("teacher-outputs")])
+    answered: list[str] = []
+
+    def all_answered():
+        for batch in outputs.poll(timeout_ms=500).values():
+            answered.extend(r.key.decode() for r in batch)
+        return set(answered) >= unique_ids
+
+    try:
+        wait_for(all_answered, timeout=60, what="teacher outputs of every prompt")
+    finally:
+        outputs.close()
+    duplicates_ = {i for i in answered if answered.count(i) > 1}
+    # a prompt pushed twice has the same id: it is answered twice and deduplicated by the sink
+    assert duplicates_ <= {summary.accepted_ids[0], summary.accepted_ids[1]}, duplicates_
 
     # bad input ended in the dead-letter topic with reasons
     dead = _dead_letters(stack, 2)

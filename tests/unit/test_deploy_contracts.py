@@ -25,7 +25,7 @@ K8S = [doc for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
        for doc in yaml.safe_load_all(path.read_text()) if doc]
 SETTINGS = {"producer": ProducerSettings, "teacher": TeacherSettings, "sink": SinkSettings, "trainer": TrainerSettings}
 SCALABLE = ("producer", "teacher", "sink")
-IMAGE_ONLY_ENV = {"DISTILL_TEACHER_MODEL_DIR", "DISTILL_TEACHER_NUM_THREADS"}  # read by the Triton model
+IMAGE_ONLY_ENV = {"DISTILL_TEACHER_MODEL_DIR", "DISTILL_TEACHER_NUM_THREADS", "DISTILL_TEACHER_DELAY_MS"}  # read by the Triton model
 
 
 def _fields(cls) -> set[str]:

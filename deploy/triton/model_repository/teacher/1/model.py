@@ -19,6 +19,7 @@ compute them with the same code.
 from __future__ import annotations
 
 import json
+import time
 import os
 import sys
 from pathlib import Path
@@ -100,6 +101,8 @@ class PerRowLength(StoppingCriteria):
 
 class TritonPythonModel:
     def initialize(self, args):
+        # DISTILL_TEACHER_DELAY_MS: added latency per execute(), to stand in for a remote teacher
+        self.delay_s = float(os.environ.get("DISTILL_TEACHER_DELAY_MS") or 0) / 1000
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         model_dir = params.get("model_dir") or os.environ.get("DISTILL_TEACHER_MODEL_DIR", "")
@@ -190,6 +193,8 @@ class TritonPythonModel:
                 "generator": generator}
 
     def execute(self, requests):
+        if self.delay_s:  # a remote-like teacher (benchmarks): waiting, not computing, per batch
+            time.sleep(self.delay_s)
         responses: list = [None] * len(requests)
         batch: list[tuple[int, dict]] = []
         for i, request in enumerate(requests):
