@@ -83,7 +83,7 @@ class Bench:
         from services.stack.local import LocalStack, StackConfig
 
         in_flight = 16
-        n = self.args.prompts
+        n = 4 * self.args.prompts  # enough that the shard age and commit interval are amortised
         config = StackConfig(data_dir=self.tmp / "stack", topic_prefix="bench.", external_kafka=self.broker.bootstrap,
                              external_triton=self.triton.grpc_url, teacher_model_dir=self.teacher_dir,
                              student_dir=self.student_dir, services=("teacher", "sink"),
@@ -308,8 +308,11 @@ class Bench:
         started = time.monotonic()
         self.start_servers()
         try:
-            for step in (self.payload, self.batching_gain, self.trainer_data_path, self.pipeline_overhead,
-                         self.scaling):
+            steps = (self.payload, self.batching_gain, self.trainer_data_path, self.pipeline_overhead,
+                     self.scaling)
+            for step in steps:
+                if self.args.only and step.__name__ not in self.args.only:
+                    continue
                 print(f"[bench] {step.__name__}", file=sys.stderr)
                 step()
         finally:
@@ -355,6 +358,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--only", nargs="*", help="benchmarks to run (payload batching_gain trainer_data_path "
+                                                  "pipeline_overhead scaling); default all")
     args = parser.parse_args(argv)
     bench = Bench(args)
     seconds = bench.run()

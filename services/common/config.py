@@ -57,6 +57,9 @@ class CommonSettings(BaseSettings):
     # Prometheus metrics port; 0 disables the endpoint.
     metrics_port: int = 0
 
+    # How often a consuming service waits for its outputs' acknowledgements and commits offsets.
+    commit_interval_s: float = 0.5
+
     # Prompt rules, applied by the producer before sending and by teacher-inference on receipt.
     max_prompt_chars: int = 32_768
     max_new_tokens_limit: int = 4_096

@@ -151,6 +151,7 @@ class Loop:
         max_records: int = 64,
         poll_timeout_ms: int = 200,
         max_backoff_s: float = 30.0,
+        commit_interval_s: float = 0.5,
     ):
         self.stage = stage
         self.consumer = consumer
@@ -160,6 +161,10 @@ class Loop:
         self.max_records = max_records
         self.poll_timeout_ms = poll_timeout_ms
         self.max_backoff_s = max_backoff_s
+        # Outputs are sent asynchronously; every `commit_interval_s` the loop waits for their
+        # acknowledgements and commits. A crash re-processes at most that much (at-least-once).
+        self.commit_interval_s = commit_interval_s
+        self._last_commit = time.monotonic()
         self.log = log.bind(stage=stage.name, topic=stage.input_topic)
         # next offset to commit per partition: one past the last record processed
         self._processed: dict[TopicPartition, int] = {}
@@ -224,7 +229,15 @@ class Loop:
 
     # -- committing --------------------------------------------------------------------------
     def commit(self) -> None:
+        """Flush every pending send, then commit what is durable; tell the stage afterwards."""
         self.flush()
+        self._last_commit = time.monotonic()
+        self._commit_offsets()
+        after = getattr(self.stage, "after_commit", None)
+        if after is not None:
+            after()
+
+    def _commit_offsets(self) -> None:
         held = self.stage.held()
         offsets: dict[TopicPartition, int] = {}
         for tp, next_offset in self._processed.items():
@@ -284,7 +297,8 @@ class Loop:
         if batch:
             self._handle(batch)
         self._emit(self.stage.tick())
-        self.commit()
+        if time.monotonic() - self._last_commit >= self.commit_interval_s or not batch:
+            self.commit()
         self._update_lag()
         return len(batch)
 

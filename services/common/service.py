@@ -53,5 +53,6 @@ def run_consumer_service(
         server.set_status(SERVING)
         log.info("service_started", grpc_port=server.port, metrics_port=settings.metrics_port,
                  bootstrap=settings.kafka_bootstrap, input_topic=stage.input_topic)
-        Loop(stage, consumer, producer, settings.topic(DEAD_LETTERS), stop, max_records=max_records).run()
+        Loop(stage, consumer, producer, settings.topic(DEAD_LETTERS), stop, max_records=max_records,
+             commit_interval_s=settings.commit_interval_s).run()
     log.info("service_stopped")

@@ -84,14 +84,16 @@ class SinkStage:
                      uri=shard.uri)
         return outputs
 
+    def after_commit(self) -> None:
+        """The loop flushed (every ShardReady sent so far is acknowledged) and committed."""
+        self._mark()
+
     def _mark(self) -> None:
-        # ShardReady records of the previous turn were flushed by the loop's commit: mark them
         for shard_id in self._to_mark:
             self.writer.mark_announced(shard_id)
         self._to_mark.clear()
 
     def tick(self) -> list[Output]:
-        self._mark()
         startup, self._startup = self._startup, []
         return self._announce(startup) + self._announce(self.writer.flush_due())
 
@@ -105,7 +107,6 @@ class SinkStage:
         return self._announce(shards)
 
     def close(self) -> list[Output]:
-        self._mark()
         return self._announce(self.writer.flush_all())
 
 

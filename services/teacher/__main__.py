@@ -15,8 +15,8 @@ def main(settings: TeacherSettings | None = None, stop: StopFlag | None = None) 
         SERVICE,
         settings,
         lambda stack: make_stage(settings, stack),
-        # one poll = one wave of concurrent Triton requests
-        max_records=settings.in_flight,
+        # one poll = several waves of Triton requests: the pool keeps `in_flight` busy throughout
+        max_records=4 * settings.in_flight,
         stop=stop,
     )
 
