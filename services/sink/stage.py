@@ -66,10 +66,11 @@ class SinkStage:
                 continue
             try:
                 row = row_from_output(output, record.topic, record.partition, record.offset, now)
-            except ValueError as exc:
+                added = self.writer.add(row, record.topic, record.partition, record.offset)
+            except ValueError as exc:  # a value the dataset schema cannot hold
                 out.append(Failed(record, "schema-invalid", str(exc)))
                 continue
-            if not self.writer.add(row, record.topic, record.partition, record.offset):
+            if not added:
                 metrics.ROWS_DEDUPED.labels(SERVICE).inc()
         return out
 
