@@ -243,3 +243,24 @@ def test_bad_input_corpus_ends_in_dead_letters_and_the_pipeline_keeps_moving(sta
     wait_for(lambda: {"after-bad", "dup-1"} <= set(ids()), timeout=180, what="good prompts after the bad ones")
     assert ids().count("dup-1") == 1 and ids().count("after-bad") == 1
     assert not stack.dead_processes()
+
+
+def test_dlq_lists_and_resubmits(stack, monkeypatch, capsys):
+    from services.stack.cli import main
+
+    monkeypatch.setenv("DISTILL_TOPIC_PREFIX", stack.config.topic_prefix)
+    bootstrap = stack.endpoints["kafka"]
+    assert main(["dlq", "--bootstrap", bootstrap, "--reason", "empty-prompt"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed and all(entry["reason"] == "empty-prompt" and entry["stage"] == "teacher" for entry in listed)
+    assert all(entry["source"].startswith(stack.settings().topic("prompts") + ":") for entry in listed)
+    before = len(listed)
+    # re-submitting puts the original record back on distill.prompts; still empty, it is refused again
+    assert main(["dlq", "--bootstrap", bootstrap, "--reason", "empty-prompt", "--resubmit"]) == 0
+    capsys.readouterr()
+
+    def again():
+        main(["dlq", "--bootstrap", bootstrap, "--reason", "empty-prompt"])
+        return len(capsys.readouterr().out.splitlines()) >= 2 * before
+
+    wait_for(again, timeout=120, interval=1, what="re-submitted dead letters refused again")
