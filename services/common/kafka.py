@@ -11,6 +11,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from services.common.config import CommonSettings
+from services.common.logging import register_secret
 
 
 def client_config(settings: CommonSettings) -> dict[str, Any]:
@@ -35,6 +36,7 @@ def client_config(settings: CommonSettings) -> dict[str, Any]:
         config["sasl_plain_password"] = (
             settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
         )
+        register_secret(config["sasl_plain_password"])
     return config
 
 

@@ -12,6 +12,24 @@ import sys
 import structlog
 
 _configured = False
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """A value (a password, a token) that must never appear in a log line: it is masked."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+class _Redact(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _secrets:
+            message = record.getMessage()
+            if any(secret in message for secret in _secrets):
+                for secret in _secrets:
+                    message = message.replace(secret, "***")
+                record.msg, record.args = message, None
+        return True
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
@@ -41,10 +59,12 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_Redact())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    # kafka-python is chatty at INFO about every connection.
+    # kafka-python is chatty at INFO about every connection, and at DEBUG it logs SASL
+    # authentication bytes (the password): never below WARNING.
     logging.getLogger("kafka").setLevel(max(numeric, logging.WARNING))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
