@@ -54,6 +54,10 @@ class CommonSettings(BaseSettings):
 
     # gRPC port of the service: its own API where it has one, and grpc.health.v1 always.
     grpc_port: int = 0
+    # TLS for the service's gRPC server (both set: TLS on; the CA file is for health checks).
+    grpc_tls_certfile: Path | None = None
+    grpc_tls_keyfile: Path | None = None
+    grpc_tls_cafile: Path | None = None
     # Prometheus metrics port; 0 disables the endpoint.
     metrics_port: int = 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,12 +16,25 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class GrpcServer:
     """A gRPC server with the standard health service. `add` registers servicers before start."""
 
-    def __init__(self, port: int, host: str = "0.0.0.0", max_workers: int = 8):
+    def __init__(self, port: int, host: str = "0.0.0.0", max_workers: int = 8,
+                 tls_certfile: Path | None = None, tls_keyfile: Path | None = None):
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if tls_certfile and tls_keyfile:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(tls_keyfile).read_bytes(), Path(tls_certfile).read_bytes())])
+            self.port = self._server.add_secure_port(f"{host}:{port}", credentials)
+        elif tls_certfile or tls_keyfile:
+            raise ValueError("gRPC TLS needs both DISTILL_GRPC_TLS_CERTFILE and DISTILL_GRPC_TLS_KEYFILE")
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         self.set_status(NOT_SERVING)
+
+    @classmethod
+    def from_settings(cls, settings) -> "GrpcServer":
+        """The service's server as its settings say: port, and TLS when a certificate is configured."""
+        return cls(settings.grpc_port, tls_certfile=settings.grpc_tls_certfile, tls_keyfile=settings.grpc_tls_keyfile)
 
     def add(self, adder: Callable[[object, grpc.Server], None], servicer: object) -> None:
         adder(servicer, self._server)
@@ -36,9 +50,11 @@ class GrpcServer:
         self._server.stop(grace).wait(grace + 1)
 
 
-def check_health(target: str, timeout: float = 3.0, service: str = "") -> bool:
-    """True when the server at target answers SERVING."""
-    with grpc.insecure_channel(target) as channel:
+def check_health(target: str, timeout: float = 3.0, service: str = "", tls_cafile: Path | None = None) -> bool:
+    """True when the server at target answers SERVING (over TLS when a CA file is given)."""
+    channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_cafile).read_bytes()))
+               if tls_cafile else grpc.insecure_channel(target))
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -51,4 +67,7 @@ def check_health(target: str, timeout: float = 3.0, service: str = "") -> bool:
 if __name__ == "__main__":  # container healthchecks: python -m services.common.health HOST:PORT
     import sys
 
-    sys.exit(0 if check_health(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051") else 1)
+    import os
+
+    ca = os.environ.get("DISTILL_GRPC_TLS_CAFILE") or None
+    sys.exit(0 if check_health(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051", tls_cafile=ca) else 1)

@@ -40,7 +40,7 @@ def run_consumer_service(
     stop = stop or StopFlag().install()
     serve_metrics(settings.metrics_port)
     with ExitStack() as stack:
-        server = GrpcServer(settings.grpc_port)
+        server = GrpcServer.from_settings(settings)
         if grpc_servicers:
             grpc_servicers(server)
         server.start()

@@ -26,7 +26,7 @@ def main(settings: ProducerSettings | None = None, stop: StopFlag | None = None)
     with ExitStack() as stack:
         producer = make_producer(settings, client_id(SERVICE))
         stack.callback(producer.close)
-        server = GrpcServer(settings.grpc_port)
+        server = GrpcServer.from_settings(settings)
         server.add(services_pb2_grpc.add_PromptServiceServicer_to_server,
                    PromptService(PromptSubmitter(settings, producer, settings.submit_chunk)))
         server.start()
