@@ -34,7 +34,9 @@ KILLS = 12 if LONG else 4
 TARGETS = ("teacher-0", "teacher-1", "sink-0", "trainer-0", "triton", "kafka")
 
 
-def _kill_and_restart(stack: LocalStack, target: str) -> None:
+def _kill_and_restart(stack: LocalStack, target: str) -> float:
+    """kill -9 the target, restart it, and return the seconds until it serves again."""
+    started = time.monotonic()
     if target == "kafka":
         stack.broker.kill()
         stack.broker.start()
@@ -43,9 +45,9 @@ def _kill_and_restart(stack: LocalStack, target: str) -> None:
         stack.triton.start()
     else:
         name, index = target.rsplit("-", 1)
-        process = stack.processes[name][int(index)]
-        process.kill()
-        stack.start_service(name, int(index))
+        stack.processes[name][int(index)].kill()
+        stack.wait_ready(stack.start_service(name, int(index)))
+    return time.monotonic() - started
 
 
 def test_nothing_lost_nothing_duplicated(tmp_path, model_dirs):
@@ -73,8 +75,8 @@ def test_nothing_lost_nothing_duplicated(tmp_path, model_dirs):
                 time.sleep(rng.uniform(0.5, 4.0))
                 target = TARGETS[len(kills) % len(TARGETS)] if LONG and len(kills) < len(TARGETS) else rng.choice(TARGETS)
                 kills.append(target)
-                print(f"kill -9 {target}")
-                _kill_and_restart(stack, target)
+                recovered = _kill_and_restart(stack, target)
+                print(f"kill -9 {target}: serving again after {recovered:.1f}s")
                 client.close()
                 client = Client(settings=stack.settings())
         client.close()
@@ -95,7 +97,9 @@ def test_nothing_lost_nothing_duplicated(tmp_path, model_dirs):
             lineage = latest_lineage()
             return set(rows()) >= ids and lineage and sum(s["record_count"] for s in lineage["shards"]) >= len(ids)
 
+        drain_started = time.monotonic()
         wait_for(done, timeout=1800 if LONG else 600, interval=2, what=f"{len(ids)} prompts through the chaos")
+        print(f"all prompts trained {time.monotonic() - drain_started:.0f}s after the last submission")
         dataset_ids = rows()
         assert sorted(dataset_ids) == sorted(ids), "every prompt exactly once, no extra rows"
 
