@@ -28,7 +28,7 @@ from pathlib import Path
 from services.common.config import PROMPTS, TEACHER_OUTPUTS, TOPICS
 from services.common.logging import get_logger
 from services.stack.errors import LaunchError
-from services.stack.processes import kill_group, stop_group
+from services.stack.processes import ChildProcess, kill_group, stop_group
 from services.stack.ports import free_port, port_accepts, port_is_free
 
 log = get_logger(__name__)
@@ -185,7 +185,7 @@ def _new_cluster_id() -> str:
             return cid
 
 
-class KafkaBroker:
+class KafkaBroker(ChildProcess):
     """One local KRaft node (broker + controller); data, config and log under `data_dir`.
 
     Ports are chosen once, in the constructor (free ones unless given), so a restart after
@@ -229,19 +229,6 @@ class KafkaBroker:
             path.write_text(_new_cluster_id() + "\n")
         return path.read_text().strip()
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            return _tail(self.log_path.read_text(errors="replace"), lines)
-        except OSError:
-            return ""
 
     # -- start and stop ------------------------------------------------------------------------
 

@@ -48,14 +48,11 @@ def kill_group(proc: subprocess.Popen | None) -> None:
     proc.wait()
 
 
-class ServiceProcess:
-    def __init__(self, name: str, module: str, env: dict[str, str], log_path: Path):
-        self.name = name
-        self.module = module
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.grpc_target: str | None = None
+class ChildProcess:
+    """What every local server or service process answers: is it running, its pid, its log."""
+
+    proc: subprocess.Popen | None = None
+    log_path: Path
 
     @property
     def running(self) -> bool:
@@ -64,6 +61,22 @@ class ServiceProcess:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ServiceProcess(ChildProcess):
+    def __init__(self, name: str, module: str, env: dict[str, str], log_path: Path):
+        self.name = name
+        self.module = module
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.grpc_target: str | None = None
 
     def start(self) -> "ServiceProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,12 +104,6 @@ class ServiceProcess:
     def kill(self) -> int | None:
         kill_group(self.proc)
         return self.proc.returncode if self.proc else None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 def wait_for(condition, timeout: float, interval: float = 0.2, what: str = "condition"):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from services.common.logging import get_logger
 from services.stack.errors import LaunchError
-from services.stack.processes import kill_group, stop_group
+from services.stack.processes import ChildProcess, kill_group, stop_group
 from services.stack.ports import free_port, port_is_free
 
 log = get_logger(__name__)
@@ -92,7 +92,7 @@ def server_env(teacher_model_dir: Path | None = None, extra: dict | None = None)
     return env | {k: str(v) for k, v in (extra or {}).items()}
 
 
-class TritonServer:
+class TritonServer(ChildProcess):
     """tritonserver in its own session, log in `<data_dir>/triton.log`.
 
     `start()` returns once the model is ready over gRPC; a server that exits, or logs that the
@@ -132,10 +132,6 @@ class TritonServer:
     @property
     def log_path(self) -> Path:
         return self.data_dir / "triton.log"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     @property
     def version(self) -> str:
