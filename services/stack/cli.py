@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command not in ("run",):
         configure_logging(f"cli-{args.command}", os.environ.get("DISTILL_LOG_LEVEL", "WARNING"))
+        # a consumer that subscribes before its topic's metadata arrives warns once; not news here
+        logging.getLogger("kafka.coordinator.assignors").setLevel(logging.ERROR)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
