@@ -152,7 +152,10 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     from services.stack.report import main as report_main
 
-    return report_main(args)
+    # dead letters come from the broker when one is configured (env) or running (distill up)
+    reachable = getattr(args, "bootstrap", None) or "DISTILL_KAFKA_BOOTSTRAP" in os.environ or \
+        (Path(args.data_dir or ".distill") / "stack.json").exists()
+    return report_main(args, client_settings(args) if reachable else None)
 
 
 def cmd_dlq(args) -> int:
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint folder; default: the whole data dir")
     p.add_argument("--out", help="folder for report.md and report.json (default: beside the checkpoint)")
     p.add_argument("--verify", action="store_true", help="recompute shard sha256 and fail on any mismatch")
+    p.add_argument("--bootstrap", help="broker to count dead letters from (default: DISTILL_ env or distill up)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dlq", help="list dead letters; --resubmit sends them back to their source topic")

@@ -8,6 +8,7 @@ how its agreement with the teacher rises, writes the training-data report, and s
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -72,6 +73,14 @@ def run_demo(config, prompts: int = 400, timeout: float = 900.0, seed: int = 7) 
         unique = len(set(summary.accepted_ids))
         _say(f"[demo] submitted {summary.accepted} prompts ({summary.rejected} rejected); {unique} distinct "
              f"(a prompt pushed twice is one dataset row)")
+        # what a careless console producer might push: dead letters with their reasons, not a stall
+        from services.common.kafka import make_producer
+
+        raw = make_producer(stack.settings(), "distill-demo-raw")
+        for value in (b"{not json", b'{"prompt": "sort: b a =", "beam_width": 4}'):
+            raw.send(stack.settings().topic("prompts"), value=value).get(timeout=30)
+        raw.close()
+        _say("[demo] also pushed 2 malformed records straight onto the prompts topic")
         _say("[demo] waiting for checkpoints (the student trains as shards land)")
         _say(f"{'step':>6} {'samples':>8} {'shards':>6} {'agreement':>10} {'eval KL':>8}  checkpoint")
         first = last = None
@@ -86,24 +95,23 @@ def run_demo(config, prompts: int = 400, timeout: float = 900.0, seed: int = 7) 
             if covered >= unique:
                 break
         dead = stack.dead_processes()
+        report_path = None
+        if last is not None:
+            from services.stack.report import dead_letter_counts, write_report
+
+            report_path = write_report(Path(last.uri.removeprefix("file://")),
+                                       dead_letters=dead_letter_counts(stack.settings()))
         if last is None or sum(s.record_count for s in last.shards) < unique:
             _say("[demo] FAILED: the student did not train on every prompt")
             for process in dead:
                 _say(f"[demo] {process.name} exited; its log ({process.log_path}) ends with:\n{process.log_tail()}")
             return 1
-    report_path = _report(Path(last.uri.removeprefix("file://")))
     _say(f"[demo] token agreement with the teacher: {first.metrics.token_agreement:.3f} after the first shard "
          f"-> {last.metrics.token_agreement:.3f} after {len(last.shards)} shards ({last.samples} samples)")
     _say(f"[demo] final checkpoint: {last.uri}")
     if report_path:
+        body = json.loads((report_path.parent / "report.json").read_text())
+        _say(f"[demo] dead letters by reason: {body.get('dead_letters_by_reason')}")
         _say(f"[demo] training-data report: {report_path}")
     _say(f"[demo] done in {time.monotonic() - started:.0f}s")
     return 0
-
-
-def _report(checkpoint: Path) -> Path | None:
-    try:
-        from services.stack.report import write_report
-    except ImportError:
-        return None
-    return write_report(checkpoint)

@@ -48,7 +48,9 @@ def shards_of(target: Path) -> tuple[list[dict], dict | None]:
     return shards, None
 
 
-def build_report(target: Path, verify: bool = False) -> dict:
+def build_report(target: Path, verify: bool = False, dead_letters: dict[str, int] | None = None) -> dict:
+    """The summary of `target` (a checkpoint folder, or a data dir). `dead_letters` (reason ->
+    count, read from distill.dead-letters) is added when the caller could reach the broker."""
     shards, lineage = shards_of(target)
     teachers: dict[tuple, dict] = {}
     sources: Counter = Counter()
@@ -114,6 +116,7 @@ def build_report(target: Path, verify: bool = False) -> dict:
         "shards": shard_rows,
         "verified": (not mismatches) if verify else None,
         "mismatches": mismatches,
+        "dead_letters_by_reason": dead_letters,
     }
     return report
 
@@ -141,13 +144,20 @@ def to_markdown(report: dict) -> str:
     for s in report["shards"]:
         lines.append(f"| {s['shard_id']} | {s.get('rows', '?')} | `{s['sha256']}` |"
                      + (f" {s.get('verified')} |" if report["verified"] is not None else ""))
+    lines += ["", "## Dead letters by reason", ""]
+    if report.get("dead_letters_by_reason") is None:
+        lines.append("Not included: no broker was reachable when this report was written (`distill dlq` lists them).")
+    else:
+        lines += [f"- {reason}: {count}" for reason, count in sorted(report["dead_letters_by_reason"].items())] or [
+            "- none"]
     if report["mismatches"]:
         lines += ["", "## Verification FAILED", ""] + [f"- {m}" for m in report["mismatches"]]
     return "\n".join(lines) + "\n"
 
 
-def write_report(target: Path, out: Path | None = None, verify: bool = False) -> Path:
-    report = build_report(target, verify=verify)
+def write_report(target: Path, out: Path | None = None, verify: bool = False,
+                 dead_letters: dict[str, int] | None = None) -> Path:
+    report = build_report(target, verify=verify, dead_letters=dead_letters)
     out = out or (target if (target / "lineage.json").exists() else target / "reports")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -157,10 +167,27 @@ def write_report(target: Path, out: Path | None = None, verify: bool = False) ->
     return out / "report.md"
 
 
-def main(args) -> int:
-    target = Path(args.checkpoint) if args.checkpoint else Path(args.data_dir or ".distill")
+def dead_letter_counts(settings) -> dict[str, int] | None:
+    """Dead letters by reason from the broker, or None when it cannot be reached."""
+    from collections import Counter
+
+    from kafka.errors import KafkaError
+
+    from services.stack.dlq import read_dead_letters
+
     try:
-        path = write_report(target, Path(args.out) if args.out else None, verify=args.verify)
+        records = read_dead_letters(settings, limit=1_000_000, idle_s=2.0)
+    except (KafkaError, OSError, ValueError):
+        return None
+    return dict(Counter(dict(r.headers or []).get("dlq-reason", b"?").decode() for r in records))
+
+
+def main(args, settings=None) -> int:
+    target = Path(args.checkpoint) if args.checkpoint else Path(args.data_dir or ".distill")
+    dead_letters = dead_letter_counts(settings) if settings is not None else None
+    try:
+        path = write_report(target, Path(args.out) if args.out else None, verify=args.verify,
+                            dead_letters=dead_letters)
     except VerifyError as exc:
         sys.stderr.write(f"distill report: verification failed: {exc}\n")
         return 1

@@ -50,8 +50,11 @@ def test_report_counts_equal_the_dataset(dataset):
     assert report["completion_tokens"] == 7 * 3
     [teacher] = report["teachers"]
     assert teacher["teacher_revision"] == "sha256:aa" and teacher["rows"] == 7
-    path = write_report(checkpoint)
-    assert path.read_text().startswith("# Training-data summary") and (checkpoint / "report.json").exists()
+    path = write_report(checkpoint, dead_letters={"malformed-json": 2, "empty-prompt": 1})
+    text = path.read_text()
+    assert text.startswith("# Training-data summary") and "- malformed-json: 2" in text
+    assert json.loads((checkpoint / "report.json").read_text())["dead_letters_by_reason"]["empty-prompt"] == 1
+    assert "Not included" in write_report(checkpoint).read_text()
     whole = build_report(root)  # the whole data dir, from the manifests
     assert whole["rows"] == 7
 
