@@ -165,6 +165,10 @@ class TrainerStage(BaseStage):
             stats = self.trainer.train_shard(shard.shard_id, actual, str(path), table)
             if stats is None:
                 continue
+            for saved in stats.get("checkpoints", []):  # every N steps (DISTILL_CHECKPOINT_EVERY_STEPS)
+                event = checkpoint_event(Path(saved))
+                self.board.add(event)
+                out.append(self._output(event))
             metrics.TRAIN_STEPS.labels(SERVICE).inc(stats.get("steps", 0))
             for part in ("loss", "forward_kl", "reverse_kl", "jsd", "ce"):
                 if part in stats:
