@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 from services.common.logging import configure_logging
+from services.stack.processes import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ class Bench:
 
             # warm-up: services connected, Triton model warm
             client.submit(self.prompts(16, "warm"))
-            _wait(lambda: rows_written() >= 16, 300)
+            wait_for(lambda: rows_written() >= 16, 300, interval=0.05, what="the pipeline to finish")
             idle = {p.name: _rss(p.pid) for ps in stack.processes.values() for p in ps}
 
             def run_pipeline() -> float:
@@ -106,7 +107,7 @@ class Bench:
                 batch = self.prompts(n, f"p{uuid.uuid4().hex[:6]}")
                 started = time.monotonic()
                 client.submit(batch)
-                _wait(lambda: rows_written() >= before + n, 600)
+                wait_for(lambda: rows_written() >= before + n, 600, interval=0.05, what="the pipeline to finish")
                 return n / (time.monotonic() - started)
 
             def run_direct() -> float:
@@ -119,7 +120,7 @@ class Bench:
             burst = self.prompts(10 * n, "burst")
             before = rows_written()
             client.submit(burst)
-            _wait(lambda: rows_written() >= before + len(burst), 900)
+            wait_for(lambda: rows_written() >= before + len(burst), 900, interval=0.05, what="the pipeline to finish")
             for ps in stack.processes.values():
                 for p in ps:
                     peak = _peak_rss(p.pid)
@@ -189,7 +190,7 @@ class Bench:
                     before = rows_written()
                     started = time.monotonic()
                     client.submit(self.prompts(n, f"s{count}-{uuid.uuid4().hex[:6]}"))
-                    _wait(lambda: rows_written() >= before + n, 900)
+                    wait_for(lambda: rows_written() >= before + n, 900, interval=0.05, what="the pipeline to finish")
                     return n / (time.monotonic() - started)
 
                 a, b = alternate(self.args.reps, lambda: run(2), lambda: run(1))
@@ -328,14 +329,6 @@ class Bench:
         finally:
             self.stop_servers()
         return time.monotonic() - started
-
-
-def _wait(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("bench: the pipeline did not finish in time")
-        time.sleep(0.05)
 
 
 def _status(pid: int, field: str) -> float:

@@ -18,6 +18,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def same_digest(a: str, b: str) -> bool:
+    """Two sha256 hex digests are the same, whether or not either carries the "sha256:" prefix."""
+    return a.removeprefix("sha256:") == b.removeprefix("sha256:")
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in `path` durable."""
     fd = os.open(path, os.O_RDONLY)

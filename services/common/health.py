@@ -67,7 +67,7 @@ def check_health(target: str, timeout: float = 3.0, service: str = "", tls_cafil
 if __name__ == "__main__":  # container healthchecks: python -m services.common.health HOST:PORT
     import sys
 
-    import os
+    from services.common.config import CommonSettings
 
-    ca = os.environ.get("DISTILL_GRPC_TLS_CAFILE") or None
+    ca = CommonSettings().grpc_tls_cafile  # the one config loader: DISTILL_GRPC_TLS_CAFILE
     sys.exit(0 if check_health(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051", tls_cafile=ca) else 1)

@@ -89,6 +89,9 @@ class Stage(Protocol):
     def close(self) -> list[Output]:
         """Stopping: make what is held durable where possible."""
 
+    def after_commit(self) -> None:
+        """Every output sent so far is acknowledged and the offsets are committed."""
+
 
 class BaseStage:
     """Defaults for a stage that holds nothing back: every output is produced in `process`."""
@@ -104,6 +107,9 @@ class BaseStage:
 
     def close(self) -> list[Output]:
         return []
+
+    def after_commit(self) -> None:
+        pass
 
 
 class StopFlag:
@@ -233,9 +239,7 @@ class Loop:
         self.flush()
         self._last_commit = time.monotonic()
         self._commit_offsets()
-        after = getattr(self.stage, "after_commit", None)
-        if after is not None:
-            after()
+        self.stage.after_commit()
 
     def _commit_offsets(self) -> None:
         held = self.stage.held()

@@ -91,6 +91,15 @@ def prompt_from_json(data: object) -> prompt_pb2.Prompt:
     return prompt
 
 
+def prompt_from_json_bytes(value: bytes) -> prompt_pb2.Prompt:
+    """UTF-8 JSON bytes (a record value, a JSONL line) -> Prompt; InvalidPrompt names what is wrong."""
+    try:
+        data = parse_json(value)
+    except DecodeError as exc:
+        raise InvalidPrompt(exc.reason, exc.detail) from exc
+    return prompt_from_json(data)
+
+
 def prompt_text_length(prompt: prompt_pb2.Prompt) -> int:
     if prompt.WhichOneof("input") == "chat":
         return sum(len(m.content) + len(m.role) for m in prompt.chat.messages)
@@ -157,11 +166,7 @@ def decode_prompt(value: bytes | None, headers: Headers | None, limits: PromptLi
     if content_type is None:
         content_type = JSON if value.lstrip()[:1] == b"{" else PROTOBUF
     if content_type.startswith(JSON):
-        try:
-            data = parse_json(value)
-        except DecodeError as exc:
-            raise InvalidPrompt(exc.reason, exc.detail) from exc
-        prompt = prompt_from_json(data)
+        prompt = prompt_from_json_bytes(value)
     elif content_type.startswith(PROTOBUF):
         prompt = prompt_pb2.Prompt()
         try:

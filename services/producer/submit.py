@@ -7,8 +7,6 @@ acknowledged by the broker (acks=all) before it is counted as accepted.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +18,7 @@ from distillery.v1 import prompt_pb2, services_pb2
 from services.common import codec, metrics
 from services.common.config import PROMPTS, CommonSettings
 from services.common.logging import get_logger
-from services.common.prompts import InvalidPrompt, normalise, prompt_from_json
+from services.common.prompts import InvalidPrompt, normalise, prompt_from_json, prompt_from_json_bytes
 
 log = get_logger(__name__)
 
@@ -29,11 +27,7 @@ SERVICE = "producer"
 
 def parse_line(line: str) -> prompt_pb2.Prompt:
     """One JSONL line -> Prompt (the JSON shape of DESIGN.md s2)."""
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidPrompt("malformed-json", str(exc)) from exc
-    return prompt_from_json(data)
+    return prompt_from_json_bytes(line.encode("utf-8", "surrogatepass"))
 
 
 class PromptSubmitter:
@@ -124,7 +118,3 @@ def read_jsonl(lines: Iterable[str]) -> Iterable[prompt_pb2.Prompt | InvalidProm
             yield parse_line(line)
         except InvalidPrompt as exc:
             yield exc
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

@@ -64,7 +64,7 @@ from services.common.dataset import SCHEMA, SCHEMA_VERSION, rows_to_table
 from services.common.files import sha256_file, write_atomic
 from services.common.logging import get_logger
 
-__all__ = ["ShardInfo", "ShardWriter", "read_table", "sha256_file", "parse_shard_name"]
+__all__ = ["ShardInfo", "ShardWriter", "sha256_file", "parse_shard_name"]
 
 log = get_logger(__name__)
 
@@ -492,8 +492,3 @@ class ShardWriter:
                  seconds=round(time.monotonic() - started, 3), topic=buffer.topic, partition=buffer.partition,
                  first_offset=buffer.first, last_offset=buffer.last, pid=os.getpid())
         return info
-
-
-def read_table(paths: list[Path]) -> pa.Table:
-    """All rows of some shards as one table (the schema is the dataset's)."""
-    return pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in paths]) if paths else SCHEMA.empty_table()

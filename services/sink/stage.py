@@ -22,7 +22,7 @@ from services.common import codec, metrics
 from services.common.config import SHARDS, TEACHER_OUTPUTS
 from services.common.dataset import row_from_output
 from services.common.logging import get_logger
-from services.common.loop import DeadLetter, Failed, Output
+from services.common.loop import BaseStage, DeadLetter, Failed, Output
 from services.sink.config import SinkSettings
 from services.sink.shards import ShardWriter
 
@@ -31,7 +31,7 @@ log = get_logger(__name__)
 SERVICE = "sink"
 
 
-class SinkStage:
+class SinkStage(BaseStage):
     name = SERVICE
 
     def __init__(self, settings: SinkSettings, writer: ShardWriter):

@@ -28,12 +28,11 @@ from pathlib import Path
 from services.common.config import PROMPTS, TEACHER_OUTPUTS, TOPICS
 from services.common.logging import get_logger
 from services.stack.errors import LaunchError
-from services.stack.processes import ChildProcess, kill_group, stop_group
+from services.stack.processes import REPO_ROOT, ChildProcess, kill_group, stop_group
 from services.stack.ports import free_port, port_accepts, port_is_free
 
 log = get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J2 = REPO_ROOT / "deploy" / "kafka" / "log4j2.yaml"
 # The pom is the one place the version is pinned.

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from services.common.files import sha256_file
+from services.common.files import same_digest, sha256_file
 
 REPORT_VERSION = 1
 COLUMNS = ["prompt_id", "teacher_model", "teacher_revision", "teacher_version", "teacher_license", "teacher_owner",
@@ -64,7 +64,7 @@ def build_report(target: Path, verify: bool = False, dead_letters: dict[str, int
         entry = {"shard_id": shard["shard_id"], "sha256": shard.get("sha256"), "uri": shard["uri"]}
         if verify:
             actual = sha256_file(path) if path.exists() else "missing"
-            entry["verified"] = actual == str(shard.get("sha256", "")).removeprefix("sha256:")
+            entry["verified"] = same_digest(actual, str(shard.get("sha256", "")))
             if not entry["verified"]:
                 mismatches.append(f"{shard['shard_id']}: recorded {shard.get('sha256')}, found {actual}")
         shard_rows.append(entry)

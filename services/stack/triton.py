@@ -23,12 +23,11 @@ from pathlib import Path
 
 from services.common.logging import get_logger
 from services.stack.errors import LaunchError
-from services.stack.processes import ChildProcess, kill_group, stop_group
+from services.stack.processes import REPO_ROOT, ChildProcess, kill_group, stop_group
 from services.stack.ports import free_port, port_is_free
 
 log = get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 CACHE = REPO_ROOT / ".cache" / "triton"
 TEACHER_MODEL = "teacher"

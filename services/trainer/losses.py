@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.common.files import same_digest
+
 EPS = 1e-8
 # log of the smallest student tail mass that still counts (below it the tail is taken as empty).
 STUDENT_TAIL_FLOOR = -100.0
@@ -34,16 +36,12 @@ class VocabMismatchError(ValueError):
     """Teacher and student do not share a vocabulary: their token ids mean different things."""
 
 
-def _norm_hash(value: str) -> str:
-    return value.removeprefix("sha256:")
-
-
 def check_vocab(teacher_vocab_size: int, teacher_tokenizer_hash: str, student_vocab_size: int,
                 student_tokenizer_hash: str) -> None:
     problems = []
     if teacher_vocab_size != student_vocab_size:
         problems.append(f"vocab size: teacher {teacher_vocab_size}, student {student_vocab_size}")
-    if teacher_tokenizer_hash and _norm_hash(teacher_tokenizer_hash) != _norm_hash(student_tokenizer_hash):
+    if teacher_tokenizer_hash and not same_digest(teacher_tokenizer_hash, student_tokenizer_hash):
         problems.append(f"tokenizer hash: teacher {teacher_tokenizer_hash}, student {student_tokenizer_hash}")
     if problems:
         raise VocabMismatchError(

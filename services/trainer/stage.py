@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from distillery.v1 import checkpoint_pb2, common_pb2, dataset_pb2
 from services.common import codec, metrics
 from services.common.config import CHECKPOINTS, SHARDS
-from services.common.files import sha256_file
+from services.common.files import same_digest, sha256_file
 from services.common.logging import get_logger
 from services.common.loop import BaseStage, DeadLetter, Failed, Output
 from services.trainer.config import TrainerSettings
@@ -42,10 +42,6 @@ def shard_path(uri: str, root: Path) -> Path:
     if not resolved.is_relative_to(root):
         raise DeadLetter("path-escape", f"shard uri {uri!r} points outside the datasets folder {root}")
     return resolved
-
-
-def _same_hash(announced: str, actual: str) -> bool:
-    return announced.removeprefix("sha256:") == actual.removeprefix("sha256:")
 
 
 def checkpoint_event(checkpoint_dir: Path) -> checkpoint_pb2.CheckpointReady:
@@ -115,13 +111,9 @@ class TrainerStage(BaseStage):
         self.input_topic = settings.topic(SHARDS)
         self.output_topic = settings.topic(CHECKPOINTS)
         self.shards_root = settings.shards_root()
-        for path in self.checkpoint_dirs():
+        for path in self.trainer.checkpoints():
             self.board.add(checkpoint_event(path))
         self.board.state = "waiting-for-shards"
-
-    def checkpoint_dirs(self) -> list[Path]:
-        run_dir = self.settings.runs_root() / self.settings.run_id
-        return sorted(p for p in run_dir.glob("step-*") if (p / "lineage.json").exists() and not p.name.endswith(".tmp"))
 
     def decode(self, record) -> dataset_pb2.ShardReady:
         shard = codec.decode(record.value, record.headers, dataset_pb2.ShardReady)
@@ -147,7 +139,7 @@ class TrainerStage(BaseStage):
                 if not path.exists():
                     raise DeadLetter("shard-missing", f"{path} does not exist")
                 actual = sha256_file(path)
-                if not _same_hash(shard.sha256, actual):
+                if not same_digest(shard.sha256, actual):
                     raise DeadLetter("shard-corrupt", f"{path}: sha256 {actual}, announced {shard.sha256}")
                 table = read_shard(path)
                 teacher = shard.teachers[0] if shard.teachers else None
